@@ -9,7 +9,9 @@ start-up; its errors name the field and the allowed values.
 import ml_collections
 from ml_collections import config_dict
 
+from heptapod_jax import errors
 from heptapod_jax import presets
+from heptapod_jax.train import optim
 
 HEAD_KINDS = ("global", "local", "ntp")
 HEAD_QUERIES = ("remaining", "grid")
@@ -27,8 +29,7 @@ TOKENIZERS = {
 }
 
 
-class ConfigError(ValueError):
-  """A config value is invalid. The message names the field and allowed values."""
+ConfigError = errors.ConfigError
 
 
 def parse_arg(arg, **defaults):
@@ -145,6 +146,16 @@ def generator_config(*, variant, tokenizer, image_size, num_classes,
   config.mesh.data = -1  # -1 fills with the remaining devices
   config.mesh.fsdp = 1
   config.mesh.tensor = 1
+
+  config.train = ml_collections.ConfigDict()
+  config.train.num_steps = 100_000
+  config.train.log_every = 50
+  config.train.checkpoint_every = 1000
+  config.train.keep_checkpoints = 3
+  config.train.async_checkpoints = True
+  config.train.grad_accum_steps = 1  # micro-batches per step
+
+  config.optim = optim.default_optim_config()
   return config
 
 
@@ -298,12 +309,26 @@ def validate(config, num_devices=None):
       raise ConfigError(
           f"model.diffusion.temperature: must be > 0, got {diffusion.temperature}")
 
+  train = config.train
+  for name in ("num_steps", "log_every", "keep_checkpoints", "grad_accum_steps"):
+    _check_positive(f"train.{name}", train[name])
+  if train.checkpoint_every < 0:
+    raise ConfigError(
+        f"train.checkpoint_every: must be >= 0 (0 = only at the end), "
+        f"got {train.checkpoint_every}")
+  optim.validate(config.optim)
+
   if num_devices is not None:
     data, fsdp, _ = mesh_shape(config, num_devices)
     if config.data.batch_size % (data * fsdp):
       raise ConfigError(
           f"data.batch_size: {config.data.batch_size} is not divisible by the "
           f"data-parallel size mesh.data*mesh.fsdp = {data}*{fsdp} = {data * fsdp}")
+    per_replica = config.data.batch_size // (data * fsdp)
+    if per_replica % train.grad_accum_steps:
+      raise ConfigError(
+          f"train.grad_accum_steps: {train.grad_accum_steps} does not divide the "
+          f"per-replica batch data.batch_size/(mesh.data*mesh.fsdp) = {per_replica}")
   return config
 
 
