@@ -9,6 +9,7 @@ start-up; its errors name the field and the allowed values.
 import ml_collections
 from ml_collections import config_dict
 
+from heptapod_jax import data
 from heptapod_jax import errors
 from heptapod_jax import presets
 from heptapod_jax.train import optim
@@ -84,6 +85,7 @@ def generator_config(*, variant, tokenizer, image_size, num_classes,
         f"tokenizer.name: unknown tokenizer {tokenizer!r}; "
         f"allowed: {sorted(TOKENIZERS)}")
   config = ml_collections.ConfigDict()
+  config.task = "generator"
   config.seed = 0
 
   config.tokenizer = ml_collections.ConfigDict(dict(TOKENIZERS[tokenizer]))
@@ -91,8 +93,21 @@ def generator_config(*, variant, tokenizer, image_size, num_classes,
   config.tokenizer.codebook_size = config.tokenizer.get("codebook_size", 0)
   config.tokenizer.latent_channels = config.tokenizer.get("latent_channels", 0)
   config.tokenizer.code_dim = config.tokenizer.get("code_dim", 0)
+  # A tokenizer directory (tools.convert_tokenizer output or a trained
+  # tokenizer's WORKDIR/tokenizer); needed to encode images or decode samples.
+  config.tokenizer.init_from = config_dict.placeholder(str)
+  # Continuous latents are multiplied by this before the generator sees them
+  # (MAR uses 0.2325 for KL-16) and divided by it before decoding.
+  config.tokenizer.latent_scale = 0.2325 if tokenizer == "kl16" else 1.0
 
-  config.data = ml_collections.ConfigDict()
+  config.extract = ml_collections.ConfigDict()
+  config.extract.output_dir = config_dict.placeholder(str)  # None: WORKDIR/tokens
+  config.extract.num_shards = 8  # per split
+  config.extract.batch_size = 256  # images encoded at once, over all local devices
+  config.extract.flip = True  # also store the tokens of the flipped image
+  config.extract.splits = config_dict.placeholder(str)  # comma list; None: train + eval
+
+  config.data = data.default_data_config()
   config.data.dataset = dataset
   config.data.image_size = image_size
   config.data.batch_size = batch_size  # global batch, split over data x fsdp
@@ -142,21 +157,118 @@ def generator_config(*, variant, tokenizer, image_size, num_classes,
 
   presets.apply_preset(model, variant)
 
+  _train_sections(config, num_steps=100_000, log_every=50, checkpoint_every=1000)
+  return config
+
+
+def _train_sections(config, *, num_steps, log_every, checkpoint_every):
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1  # -1 fills with the remaining devices
   config.mesh.fsdp = 1
   config.mesh.tensor = 1
 
   config.train = ml_collections.ConfigDict()
-  config.train.num_steps = 100_000
-  config.train.log_every = 50
-  config.train.checkpoint_every = 1000
+  config.train.num_steps = num_steps
+  config.train.log_every = log_every
+  config.train.checkpoint_every = checkpoint_every
   config.train.keep_checkpoints = 3
   config.train.async_checkpoints = True
   config.train.grad_accum_steps = 1  # micro-batches per step
 
   config.optim = optim.default_optim_config()
+
+
+def tokenizer_training_config(*, name, dataset, image_size, batch_size):
+  """Config to train a visual tokenizer (reconstruction only) on images."""
+  if name not in TOKENIZERS:
+    raise ConfigError(f"tokenizer.name: unknown tokenizer {name!r}; "
+                      f"allowed: {sorted(TOKENIZERS)}")
+  config = ml_collections.ConfigDict()
+  config.task = "tokenizer"
+  config.seed = 0
+  config.tokenizer = ml_collections.ConfigDict(dict(TOKENIZERS[name]))
+  config.tokenizer.name = name
+  config.tokenizer.codebook_size = config.tokenizer.get("codebook_size", 0)
+  config.tokenizer.latent_channels = config.tokenizer.get("latent_channels", 0)
+  config.tokenizer.code_dim = config.tokenizer.get("code_dim", 0)
+  loss = config.tokenizer.loss = ml_collections.ConfigDict()
+  loss.reconstruction = "l2"  # l1 | l2
+  loss.codebook_weight = 1.0  # VQ: codebook + commitment (beta in the spec)
+  loss.kl_weight = 1e-6  # KL: LDM's weight (per-pixel normalisation, see train/tokenizer.py)
+  loss.perceptual_weight = 0.0  # LPIPS; needs both weight files below
+  loss.lpips_vgg_weights = config_dict.placeholder(str)  # torchvision vgg16 state dict (.pth/.npz)
+  loss.lpips_lin_weights = config_dict.placeholder(str)  # lpips v0.1 vgg.pth (.pth/.npz)
+  loss.adversarial_weight = 0.0  # PatchGAN hinge loss; 0 = no discriminator
+  loss.adversarial_start_step = 0
+  loss.discriminator_channels = 64
+  loss.discriminator_layers = 3
+
+  config.data = data.default_data_config()
+  config.data.dataset = dataset
+  config.data.image_size = image_size
+  config.data.batch_size = batch_size
+  _train_sections(config, num_steps=100_000, log_every=100, checkpoint_every=2000)
+  config.optim.learning_rate = 1e-4
+  config.optim.weight_decay = 0.0
+  config.optim.grad_clip_norm = 1.0
+  config.optim.ema_decay = 0.999
+  config.optim.warmup_steps = 500
   return config
+
+
+def validate_tokenizer_training(config, num_devices=None):
+  tok = config.tokenizer
+  _check_choice("tokenizer.name", tok.name, sorted(TOKENIZERS))
+  loss = tok.loss
+  _check_choice("tokenizer.loss.reconstruction", loss.reconstruction, ("l1", "l2"))
+  for name in ("codebook_weight", "kl_weight", "perceptual_weight", "adversarial_weight"):
+    if loss[name] < 0:
+      raise ConfigError(f"tokenizer.loss.{name}: must be >= 0, got {loss[name]}")
+  if loss.adversarial_start_step < 0:
+    raise ConfigError("tokenizer.loss.adversarial_start_step: must be >= 0, "
+                      f"got {loss.adversarial_start_step}")
+  try:
+    data.validate_data_config(config.data)
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
+  if config.data.image_size % tok.stride:
+    raise ConfigError(
+        f"data.image_size: {config.data.image_size} is not a multiple of the "
+        f"tokenizer stride tokenizer.stride={tok.stride}")
+  _validate_train_sections(config, num_devices)
+  return config
+
+
+def _validate_train_sections(config, num_devices):
+  train = config.train
+  for name in ("num_steps", "log_every", "keep_checkpoints", "grad_accum_steps"):
+    _check_positive(f"train.{name}", train[name])
+  if train.checkpoint_every < 0:
+    raise ConfigError(
+        f"train.checkpoint_every: must be >= 0 (0 = only at the end), "
+        f"got {train.checkpoint_every}")
+  optim.validate(config.optim)
+  if num_devices is not None:
+    data_size, fsdp, _ = mesh_shape(config, num_devices)
+    if config.data.batch_size % (data_size * fsdp):
+      raise ConfigError(
+          f"data.batch_size: {config.data.batch_size} is not divisible by the "
+          f"data-parallel size mesh.data*mesh.fsdp = {data_size}*{fsdp} = "
+          f"{data_size * fsdp}")
+    per_replica = config.data.batch_size // (data_size * fsdp)
+    if per_replica % train.grad_accum_steps:
+      raise ConfigError(
+          f"train.grad_accum_steps: {train.grad_accum_steps} does not divide the "
+          f"per-replica batch data.batch_size/(mesh.data*mesh.fsdp) = {per_replica}")
+
+
+def validate_any(config, num_devices=None):
+  """Validates a generator or tokenizer-training config (by config.task)."""
+  task = config.get("task", "generator")
+  _check_choice("task", task, ("generator", "tokenizer"))
+  if task == "tokenizer":
+    return validate_tokenizer_training(config, num_devices)
+  return validate(config, num_devices)
 
 
 def grid_shape(config):
@@ -216,12 +328,20 @@ def validate(config, num_devices=None):
     _check_positive("tokenizer.codebook_size", tok.codebook_size)
   else:
     _check_positive("tokenizer.latent_channels", tok.latent_channels)
+  try:
+    data.validate_data_config(config.data)
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
   _check_positive("data.image_size", config.data.image_size)
   if config.data.image_size % tok.stride:
     raise ConfigError(
         f"data.image_size: {config.data.image_size} is not a multiple of the "
         f"tokenizer stride tokenizer.stride={tok.stride}")
   _check_positive("data.batch_size", config.data.batch_size)
+  if tok.kind == "continuous" and not tok.latent_scale > 0:
+    raise ConfigError(f"tokenizer.latent_scale: must be > 0, got {tok.latent_scale}")
+  _check_positive("extract.num_shards", config.extract.num_shards)
+  _check_positive("extract.batch_size", config.extract.batch_size)
   rows, cols = grid_shape(config)
   num_positions = rows * cols
 
@@ -309,26 +429,7 @@ def validate(config, num_devices=None):
       raise ConfigError(
           f"model.diffusion.temperature: must be > 0, got {diffusion.temperature}")
 
-  train = config.train
-  for name in ("num_steps", "log_every", "keep_checkpoints", "grad_accum_steps"):
-    _check_positive(f"train.{name}", train[name])
-  if train.checkpoint_every < 0:
-    raise ConfigError(
-        f"train.checkpoint_every: must be >= 0 (0 = only at the end), "
-        f"got {train.checkpoint_every}")
-  optim.validate(config.optim)
-
-  if num_devices is not None:
-    data, fsdp, _ = mesh_shape(config, num_devices)
-    if config.data.batch_size % (data * fsdp):
-      raise ConfigError(
-          f"data.batch_size: {config.data.batch_size} is not divisible by the "
-          f"data-parallel size mesh.data*mesh.fsdp = {data}*{fsdp} = {data * fsdp}")
-    per_replica = config.data.batch_size // (data * fsdp)
-    if per_replica % train.grad_accum_steps:
-      raise ConfigError(
-          f"train.grad_accum_steps: {train.grad_accum_steps} does not divide the "
-          f"per-replica batch data.batch_size/(mesh.data*mesh.fsdp) = {per_replica}")
+  _validate_train_sections(config, num_devices)
   return config
 
 

@@ -25,11 +25,13 @@ _MODE = flags.DEFINE_enum("mode", "train", config_lib.MODES, "What to run.")
 
 # Modes whose implementation has not landed yet, and the work that brings them.
 _NOT_YET_AVAILABLE = {
-    "train": "the training issue (Grain pipelines, sharded train step, Orbax checkpoints)",
     "sample": "the sampling and evaluation issue (KV-cached on-device sampler)",
     "eval": "the sampling and evaluation issue (FID/IS and Fashion-MNIST metrics)",
-    "extract": "the tokenizer issue (token extraction to ArrayRecord)",
     "export": "the export work (safetensors export)",
+}
+_MODES_BY_TASK = {
+    "generator": ("train", "extract", "summary"),
+    "tokenizer": ("train", "summary"),
 }
 
 
@@ -46,6 +48,8 @@ def run_summary(config, workdir):
   from flax import nnx
   from heptapod_jax.models import heptapod
 
+  if config.task == "tokenizer":
+    return _tokenizer_summary(config, workdir)
   abstract_model = nnx.eval_shape(lambda: heptapod.Heptapod(config, rngs=nnx.Rngs(0)))
   params = nnx.state(abstract_model, nnx.Param)
   counts = heptapod.component_parameter_counts(params)
@@ -83,6 +87,28 @@ def run_summary(config, workdir):
   return summary
 
 
+def _tokenizer_summary(config, workdir):
+  import jax
+  from flax import nnx
+  from heptapod_jax.train import tokenizer as tokenizer_lib
+
+  abstract = nnx.eval_shape(
+      lambda: tokenizer_lib.build_tokenizer(config.tokenizer, nnx.Rngs(0)))
+  params = nnx.state(abstract, nnx.Param)
+  rows = [(name, sum(leaf.size for leaf in jax.tree.leaves(sub)))
+          for name, sub in sorted(params.items())]
+  total = sum(size for _, size in rows)
+  for name, size in rows + [("total", total)]:
+    print(f"{name:<24} {size:>15,}")
+  summary = {"params": {"tokenizer": total, "total": total},
+             "tokenizer": config.tokenizer.name,
+             "components": dict(rows)}
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  return summary
+
+
 def main(argv):
   # jax logs a failed TPU probe at INFO on every CPU/GPU host; keep stderr for errors.
   python_logging.getLogger("jax._src.xla_bridge").setLevel(python_logging.WARNING)
@@ -91,19 +117,39 @@ def main(argv):
   config = _CONFIG.value
   if config is None:
     _fail("--config is required, e.g. --config=configs/fashion_mnist.py")
+  from heptapod_jax.parallel import distributed
+  distributed.maybe_initialize()  # before anything else touches jax devices
   import jax
   try:
-    config_lib.validate(config, num_devices=jax.device_count())
+    config_lib.validate_any(config, num_devices=jax.device_count())
   except config_lib.ConfigError as error:
     _fail(f"invalid config: {error}")
   mode = _MODE.value
+  task = config.get("task", "generator")
   if mode in _NOT_YET_AVAILABLE:
     _fail(f"--mode={mode} is not available yet; it comes with "
-          f"{_NOT_YET_AVAILABLE[mode]}. Available now: --mode=summary")
+          f"{_NOT_YET_AVAILABLE[mode]}. Available now: "
+          f"{', '.join(_MODES_BY_TASK[task])}")
+  if mode not in _MODES_BY_TASK[task]:
+    _fail(f"--mode={mode} does not apply to a {task} config; use one of "
+          f"{', '.join(_MODES_BY_TASK[task])}")
   if not _WORKDIR.value:
     _fail("--workdir is required")
-  if mode == "summary":
-    run_summary(config, _WORKDIR.value)
+  workdir = _WORKDIR.value
+  try:
+    if mode == "summary":
+      run_summary(config, workdir)
+    elif mode == "extract":
+      from heptapod_jax import extract
+      extract.run(config, workdir)
+    elif task == "tokenizer":
+      from heptapod_jax.train import tokenizer as tokenizer_lib
+      tokenizer_lib.run(config, workdir)
+    else:
+      from heptapod_jax.train import generator
+      generator.run(config, workdir)
+  except (config_lib.ConfigError, FileNotFoundError) as error:
+    _fail(str(error))
 
 
 if __name__ == "__main__":

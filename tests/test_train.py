@@ -214,3 +214,33 @@ def test_weight_decay_mask_and_schedule():
                              [0.0, 0.5, 1.0, 0.5, 0.0], atol=1e-6)
   config.schedule = "constant"
   assert float(optim.learning_rate_schedule(config, 110)(100)) == 1.0
+
+
+def test_two_processes_match_one_process(tmp_path, repo_root):
+  import json
+  import subprocess
+  import sys
+
+  import portpicker
+  import train_setup
+
+  train_setup.write_token_shards(tmp_path / "tokens")
+  single = train_setup.losses_from_pipeline(tmp_path / "tokens", steps=3)
+  port = portpicker.pick_unused_port()
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             HEPTAPOD_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+             HEPTAPOD_NUM_PROCESSES="2",
+             PYTHONPATH=f"{repo_root}/tests:{repo_root}")
+  output = tmp_path / "losses.json"
+  workers = [subprocess.Popen(
+      [sys.executable, str(repo_root / "tests" / "multiprocess_worker.py"),
+       str(tmp_path / "tokens"), str(output)],
+      env=dict(env, HEPTAPOD_PROCESS_ID=str(i)), stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  for worker in workers:
+    out, _ = worker.communicate(timeout=600)
+    assert worker.returncode == 0, out[-3000:]
+  result = json.loads(output.read_text())
+  assert result["process_count"] == 2 and result["device_count"] == 8
+  np.testing.assert_allclose(result["losses"], single, atol=1e-5, rtol=0)

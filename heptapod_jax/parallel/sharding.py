@@ -34,7 +34,19 @@ _FSDP_TENSOR = (
 _FSDP_TENSOR_LARGE = tuple(
     (name, "fsdp" if name == "position" else axis) for name, axis in _FSDP_TENSOR)
 
+# Conv tokenizers: FSDP over output channels; codebooks over tensor.
+_TOKENIZER = (
+    ("conv_out", "fsdp"),
+    ("conv_in", None),
+    ("conv_height", None),
+    ("conv_width", None),
+    ("codebook", "tensor"),
+    ("code_dim", None),
+    ("norm", None),
+)
+
 LOGICAL_AXIS_RULES = {
+    "tokenizer": _TOKENIZER,
     "micro": _FSDP_TENSOR,
     "tiny": _FSDP_TENSOR,
     "B": _FSDP_TENSOR,
@@ -53,8 +65,11 @@ def make_mesh(config, devices=None):
                        devices=devices)
 
 
-def rules_for(variant):
-  return dict(LOGICAL_AXIS_RULES.get(variant, _FSDP_TENSOR))
+def rules_for(name):
+  """The rules table of a preset (or "tokenizer") as a dict: logical -> mesh axis."""
+  if name not in LOGICAL_AXIS_RULES:
+    raise ValueError(f"no sharding rules for {name!r}; known: {sorted(LOGICAL_AXIS_RULES)}")
+  return dict(LOGICAL_AXIS_RULES[name])
 
 
 def logical_to_spec(names, shape, mesh, rules):

@@ -47,13 +47,14 @@ def _micro_batches(batch, count):
 def build(task, config, mesh, total_steps):
   """Builds the born-sharded init function and the jitted train step.
 
-  task: has `build_model(rngs)` and `loss(model, batch, rng) -> (loss, metrics)`.
+  task: has `build_model(rngs)`, `loss(model, batch, rng, step) -> (loss,
+  metrics)` and `sharding_rules` (logical axis name -> mesh axis).
   """
   seed = config.seed
   model_rngs = lambda: nnx.Rngs(params=seed, dropout=seed + 1)
   abstract_model = nnx.eval_shape(lambda: task.build_model(model_rngs()))
   graphdef, abstract_params, rest = nnx.split(abstract_model, nnx.Param, ...)
-  rules = sharding.rules_for(config.model.variant)
+  rules = task.sharding_rules
   param_shardings = sharding.state_shardings(abstract_params, mesh, rules)
   tx, schedule = optim.make_optimizer(config.optim, total_steps)
   ema_decay = config.optim.ema_decay
@@ -78,10 +79,10 @@ def build(task, config, mesh, total_steps):
   base_key = jax.random.key(seed)
   accumulation = config.train.grad_accum_steps
 
-  def loss_and_grads(params, batch, rng):
+  def loss_and_grads(params, batch, rng, step):
     def loss_fn(params):
       model = nnx.merge(graphdef, params, _fresh_rest(rest, rng))
-      return task.loss(model, batch, rng)
+      return task.loss(model, batch, rng, step)
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return grads, metrics
 
@@ -90,16 +91,16 @@ def build(task, config, mesh, total_steps):
     rng = jax.random.fold_in(base_key, step)
     params = state["params"]
     if accumulation == 1:
-      grads, metrics = loss_and_grads(params, batch, rng)
+      grads, metrics = loss_and_grads(params, batch, rng, step)
     else:
       def accumulate(carry, inputs):
         index, micro_batch = inputs
         grads, metrics = loss_and_grads(params, micro_batch,
-                                        jax.random.fold_in(rng, index))
+                                        jax.random.fold_in(rng, index), step)
         return jax.tree.map(jnp.add, carry, (grads, metrics)), None
       zeros = jax.eval_shape(loss_and_grads, params,
                              jax.tree.map(lambda x: x[0], _micro_batches(batch, accumulation)),
-                             rng)
+                             rng, step)
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
       (grads, metrics), _ = jax.lax.scan(
           accumulate, zeros,

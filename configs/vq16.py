@@ -1,0 +1,33 @@
+"""Train the VQ tokenizer (reconstruction only).
+
+  python -m heptapod_jax.main --config=configs/vq16.py --workdir=DIR              # vq16, ImageNet 256
+  python -m heptapod_jax.main --config=configs/vq16.py:small --workdir=DIR        # vq_small, Fashion-MNIST
+
+The trained tokenizer is exported to DIR/tokenizer (usable as
+--config.tokenizer.init_from=DIR/tokenizer); DIR/tokenizer_metrics.json holds
+its test-set PSNR and codebook usage.
+"""
+
+from heptapod_jax import config_lib
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, small=False)
+  if arg.small:
+    config = config_lib.tokenizer_training_config(
+        name="vq_small", dataset="fashion_mnist", image_size=32, batch_size=64)
+    config.train.num_steps = 3000
+    config.train.log_every = 100
+    config.train.checkpoint_every = 1000
+    config.optim.learning_rate = 2e-3
+    config.optim.warmup_steps = 100
+    config.optim.ema_decay = 0.99
+    return config
+  config = config_lib.tokenizer_training_config(
+      name="vq16", dataset="imagenet2012", image_size=256, batch_size=128)
+  config.tokenizer.loss.perceptual_weight = 1.0
+  config.tokenizer.loss.adversarial_weight = 0.5
+  config.tokenizer.loss.adversarial_start_step = 20000
+  config.tokenizer.loss.reconstruction = "l2"
+  config.train.num_steps = 400_000
+  return config
