@@ -22,6 +22,7 @@ def get_config(arg=None):
     config.optim.learning_rate = 2e-3
     config.optim.warmup_steps = 100
     config.optim.ema_decay = 0.99
+    config.tokenizer.loss.discriminator = "patchgan_small"
     return config
   config = config_lib.tokenizer_training_config(
       name="kl16", dataset="imagenet2012", image_size=256, batch_size=128)

@@ -12,6 +12,7 @@ from ml_collections import config_dict
 from heptapod_jax import data
 from heptapod_jax import errors
 from heptapod_jax import presets
+from heptapod_jax.sample import sampler
 from heptapod_jax.train import optim
 
 HEAD_KINDS = ("global", "local", "ntp")
@@ -158,6 +159,13 @@ def generator_config(*, variant, tokenizer, image_size, num_classes,
   presets.apply_preset(model, variant)
 
   _train_sections(config, num_steps=100_000, log_every=50, checkpoint_every=1000)
+
+  config.sample = sampler.default_sample_config()
+  config.sample.checkpoint = config_dict.placeholder(str)  # None: WORKDIR/checkpoints
+  config.sample.output_dir = config_dict.placeholder(str)  # None: WORKDIR/samples
+  config.sample.grid_rows = 8
+  config.sample.grid_columns = 8
+  config.sample.save_pngs = False  # also one PNG per image
   return config
 
 
@@ -200,8 +208,7 @@ def tokenizer_training_config(*, name, dataset, image_size, batch_size):
   loss.lpips_lin_weights = config_dict.placeholder(str)  # lpips v0.1 vgg.pth (.pth/.npz)
   loss.adversarial_weight = 0.0  # PatchGAN hinge loss; 0 = no discriminator
   loss.adversarial_start_step = 0
-  loss.discriminator_channels = 64
-  loss.discriminator_layers = 3
+  loss.discriminator = "patchgan"  # a name in models/tokenizers/discriminator.py SPECS
 
   config.data = data.default_data_config()
   config.data.dataset = dataset
@@ -224,6 +231,9 @@ def validate_tokenizer_training(config, num_devices=None):
   for name in ("codebook_weight", "kl_weight", "perceptual_weight", "adversarial_weight"):
     if loss[name] < 0:
       raise ConfigError(f"tokenizer.loss.{name}: must be >= 0, got {loss[name]}")
+  from heptapod_jax.models.tokenizers import discriminator as discriminator_lib
+  _check_choice("tokenizer.loss.discriminator", loss.discriminator,
+                sorted(discriminator_lib.SPECS))
   if loss.adversarial_start_step < 0:
     raise ConfigError("tokenizer.loss.adversarial_start_step: must be >= 0, "
                       f"got {loss.adversarial_start_step}")
@@ -429,6 +439,22 @@ def validate(config, num_devices=None):
       raise ConfigError(
           f"model.diffusion.temperature: must be > 0, got {diffusion.temperature}")
 
+  sample = config.sample
+  for name in ("num_samples", "batch_size", "grid_rows", "grid_columns"):
+    _check_positive(f"sample.{name}", sample[name])
+  if not 0.0 < sample.top_p <= 1.0:
+    raise ConfigError(f"sample.top_p: must be in (0, 1], got {sample.top_p}")
+  if sample.top_k < 0:
+    raise ConfigError(f"sample.top_k: must be >= 0 (0 = off), got {sample.top_k}")
+  if sample.cfg_scale not in (0.0, 1.0) and not model.null_class:
+    raise ConfigError("sample.cfg_scale: guidance needs model.null_class=True "
+                      "(and a model trained with model.label_dropout > 0)")
+  if num_devices is not None:
+    data_size, fsdp, _ = mesh_shape(config, num_devices)
+    if sample.batch_size % (data_size * fsdp):
+      raise ConfigError(
+          f"sample.batch_size: {sample.batch_size} is not divisible by the "
+          f"data-parallel size mesh.data*mesh.fsdp = {data_size * fsdp}")
   _validate_train_sections(config, num_devices)
   return config
 

@@ -22,6 +22,7 @@ from absl import logging
 from flax import nnx
 
 from heptapod_jax import data
+from heptapod_jax import errors
 from heptapod_jax.data import cached_tokens
 from heptapod_jax.data import preprocess
 from heptapod_jax.tools import convert_tokenizer
@@ -44,14 +45,14 @@ def _splits(config):
 def run(config, workdir):
   """Encodes every split; returns the tokens.json dict."""
   if not config.tokenizer.init_from:
-    raise ValueError("tokenizer.init_from: --mode=extract needs a tokenizer "
+    raise errors.ConfigError("tokenizer.init_from: --mode=extract needs a tokenizer "
                      "directory (a trained WORKDIR/tokenizer or the output of "
                      "heptapod_jax.tools.convert_tokenizer)")
   if config.data.dataset == "cached_tokens":
-    raise ValueError("data.dataset: --mode=extract reads images; got cached_tokens")
+    raise errors.ConfigError("data.dataset: --mode=extract reads images; got cached_tokens")
   tokenizer = convert_tokenizer.load_tokenizer(config.tokenizer.init_from)
   if tokenizer.spec.name != config.tokenizer.name:
-    raise ValueError(
+    raise errors.ConfigError(
         f"tokenizer.init_from: {config.tokenizer.init_from} holds "
         f"{tokenizer.spec.name!r} but tokenizer.name is {config.tokenizer.name!r}")
   output_dir = output_directory(config, workdir)

@@ -25,12 +25,11 @@ _MODE = flags.DEFINE_enum("mode", "train", config_lib.MODES, "What to run.")
 
 # Modes whose implementation has not landed yet, and the work that brings them.
 _NOT_YET_AVAILABLE = {
-    "sample": "the sampling and evaluation issue (KV-cached on-device sampler)",
     "eval": "the sampling and evaluation issue (FID/IS and Fashion-MNIST metrics)",
     "export": "the export work (safetensors export)",
 }
 _MODES_BY_TASK = {
-    "generator": ("train", "extract", "summary"),
+    "generator": ("train", "extract", "sample", "summary"),
     "tokenizer": ("train", "summary"),
 }
 
@@ -139,6 +138,9 @@ def main(argv):
   try:
     if mode == "summary":
       run_summary(config, workdir)
+    elif mode == "sample":
+      from heptapod_jax.sample import generate
+      generate.run(config, workdir)
     elif mode == "extract":
       from heptapod_jax import extract
       extract.run(config, workdir)

@@ -101,3 +101,32 @@ class PreemptionWatcher:
   def restore(self):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+
+
+def restore_params(directory, abstract_params, *, item="ema", step=None):
+  """Reads only state[item] (e.g. the EMA parameters) from a train checkpoint.
+
+  directory: a checkpoints directory (WORKDIR/checkpoints) or one step of it.
+  abstract_params: ShapeDtypeStructs (with shardings) of the parameter tree.
+  Returns (params, step). Used by the sampler and evaluator, which need no
+  optimizer state.
+  """
+  directory = os.path.abspath(directory)
+  if os.path.basename(directory).isdigit() and step is None:
+    directory, step = os.path.dirname(directory), int(os.path.basename(directory))
+  manager = ocp.CheckpointManager(directory)
+  try:
+    steps = sorted(manager.all_steps())
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint in {directory}")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+      raise FileNotFoundError(f"no step {step} in {directory}; have {steps}")
+    target = {item: abstract_params}
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            item=target, partial_restore=True,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(target))))
+  finally:
+    manager.close()
+  return restored["state"][item], step

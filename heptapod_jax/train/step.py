@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from heptapod_jax import nnx_utils
 from heptapod_jax.parallel import sharding
 from heptapod_jax.train import optim
 
@@ -81,7 +82,7 @@ def build(task, config, mesh, total_steps):
 
   def loss_and_grads(params, batch, rng, step):
     def loss_fn(params):
-      model = nnx.merge(graphdef, params, _fresh_rest(rest, rng))
+      model = nnx.merge(graphdef, params, nnx_utils.fresh_rng_state(rest, rng))
       return task.loss(model, batch, rng, step)
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return grads, metrics
@@ -126,24 +127,3 @@ def build(task, config, mesh, total_steps):
                        state_shardings=state_shardings,
                        abstract_state=abstract_state, graphdef=graphdef,
                        rest=rest, schedule=schedule)
-
-
-def _fresh_rest(rest, rng):
-  """The model's non-parameter state (dropout RNG streams) keyed by `rng`.
-
-  Each stream gets its own key, derived from the step's rng and its index, so
-  no two dropout layers share masks and a resumed run repeats them exactly.
-  """
-  is_variable = lambda x: isinstance(x, nnx.Variable)
-  variables, treedef = jax.tree.flatten(rest, is_leaf=is_variable)
-  fresh = []
-  for index, variable in enumerate(variables):
-    if isinstance(variable, nnx.RngKey):
-      fresh.append(variable.replace(jax.random.fold_in(rng, 1000 + index)))
-    elif isinstance(variable, nnx.RngCount):
-      fresh.append(variable.replace(jnp.zeros((), jnp.uint32)))
-    else:
-      raise ValueError(
-          f"unexpected non-parameter model state {type(variable).__name__}; "
-          "the train step only knows parameters and RNG streams")
-  return jax.tree.unflatten(treedef, fresh)

@@ -56,9 +56,8 @@ class TokenizerTask:
     discriminator = None
     if self.loss_config.adversarial_weight > 0:
       from heptapod_jax.models.tokenizers import discriminator as discriminator_lib
-      discriminator = discriminator_lib.PatchDiscriminator(
-          ndf=self.loss_config.discriminator_channels,
-          n_layers=self.loss_config.discriminator_layers, rngs=rngs)
+      discriminator = discriminator_lib.build_discriminator(
+          self.loss_config.discriminator, rngs=rngs)
     return Trainee(tokenizer, discriminator)
 
   def loss(self, model, batch, rng, step=None):
@@ -137,12 +136,15 @@ def _psnr(reconstruction, images):
   return 10.0 * jnp.log10(1.0 / jnp.maximum(mse, 1e-10))
 
 
-def evaluate(config, tokenizer_params, workdir=None, max_images=None):
+def evaluate(config, tokenizer_params, workdir=None, max_images=None,
+             batch_size=250):
   """Reconstruction quality on the eval split: PSNR, codebook usage, a grid.
 
   tokenizer_params: pure dict of the tokenizer's parameters.
   Returns {"psnr": dB, "codebook_usage": fraction (VQ), "num_images": n}.
   """
+  data_config = config.data.copy_and_resolve_references()
+  data_config.batch_size = batch_size - batch_size % jax.process_count()
   graphdef, _ = nnx.split(nnx.eval_shape(
       lambda: build_tokenizer(config.tokenizer, nnx.Rngs(0))), nnx.Param)
   model = nnx.merge(graphdef, tokenizer_params)
@@ -156,7 +158,7 @@ def evaluate(config, tokenizer_params, workdir=None, max_images=None):
     return model.decode(latents).astype(jnp.float32), jnp.zeros(images.shape[:1], jnp.int32)
 
   split = data.eval_split(config.data)
-  dataset = data.make_dataset(config.data, split=split, seed=config.seed,
+  dataset = data.make_dataset(data_config, split=split, seed=config.seed,
                               process_index=jax.process_index(),
                               process_count=jax.process_count(), shuffle=False,
                               num_epochs=1, drop_remainder=False)
