@@ -11,6 +11,7 @@ from ml_collections import config_dict
 
 from heptapod_jax import data
 from heptapod_jax import errors
+from heptapod_jax import eval as eval_lib
 from heptapod_jax import presets
 from heptapod_jax.sample import sampler
 from heptapod_jax.train import optim
@@ -166,6 +167,11 @@ def generator_config(*, variant, tokenizer, image_size, num_classes,
   config.sample.grid_rows = 8
   config.sample.grid_columns = 8
   config.sample.save_pngs = False  # also one PNG per image
+
+  config.eval = eval_lib.default_eval_config()
+  # In-project Fashion-MNIST classifier metrics (needs the Fashion-MNIST files).
+  config.eval.fashion_metrics = dataset == "fashion_mnist"
+  config.eval.nll_max_batches = config_dict.placeholder(int)  # None: the whole eval split
   return config
 
 

@@ -25,11 +25,10 @@ _MODE = flags.DEFINE_enum("mode", "train", config_lib.MODES, "What to run.")
 
 # Modes whose implementation has not landed yet, and the work that brings them.
 _NOT_YET_AVAILABLE = {
-    "eval": "the sampling and evaluation issue (FID/IS and Fashion-MNIST metrics)",
     "export": "the export work (safetensors export)",
 }
 _MODES_BY_TASK = {
-    "generator": ("train", "extract", "sample", "summary"),
+    "generator": ("train", "extract", "sample", "eval", "summary"),
     "tokenizer": ("train", "summary"),
 }
 
@@ -141,6 +140,9 @@ def main(argv):
     elif mode == "sample":
       from heptapod_jax.sample import generate
       generate.run(config, workdir)
+    elif mode == "eval":
+      from heptapod_jax.eval import evaluate
+      evaluate.run(config, workdir)
     elif mode == "extract":
       from heptapod_jax import extract
       extract.run(config, workdir)

@@ -25,6 +25,7 @@ _EXPECTED_ERRORS = {
     "train": "data.dataset: the generator trains on token shards",
     "extract": "tokenizer.init_from: --mode=extract needs a tokenizer directory",
     "sample": "no checkpoint in",
+    "eval": "no samples at",
 }
 
 

@@ -284,3 +284,42 @@ def test_continuous_loss_trains_with_diffusion_batch_mul():
   # Gradients reach the backbone through the head and the diffusion MLP.
   assert float(sum(jax.tree.leaves(norms["backbone"]))) > 0
   assert float(sum(jax.tree.leaves(norms["output"]))) > 0
+
+
+def test_variational_bound_is_tight_for_the_oracle_and_looser_otherwise():
+  """Point-mass data with the exact ε: the bound is dominated by the t=0 term."""
+  schedule = diffusion.Schedule.cosine(100)
+  alphas_cumprod = jnp.asarray(schedule.alphas_cumprod, jnp.float32)
+  target = jnp.tile(jnp.array([[0.3, -0.2]]), (4096, 1))
+
+  def oracle(noisy, steps, condition):
+    ab = alphas_cumprod[steps.astype(jnp.int32)][:, None]
+    return (noisy - jnp.sqrt(ab) * condition) / jnp.sqrt(1 - ab)
+
+  zero = lambda noisy, steps, condition: jnp.zeros_like(noisy)
+  rng = jax.random.key(0)
+  exact = diffusion.variational_bound(oracle, schedule, target, target, rng)
+  poor = diffusion.variational_bound(zero, schedule, target, target, rng)
+  assert exact.shape == (4096,)
+  # With the oracle every KL term is 0; only steps == 0 rows (and the prior) count.
+  assert float(jnp.mean(exact)) < float(jnp.mean(poor)) - 10
+  assert np.isfinite(np.asarray(exact)).all()
+
+
+def test_next_token_nll_matches_the_sampling_distribution():
+  config = micro_config()
+  model = heptapod.Heptapod(config, rngs=nnx.Rngs(3))
+  model.eval()
+  tokens = _tokens(config)
+  nll = model.next_token_nll(LABELS, tokens, jax.random.key(1))
+  assert nll.shape == (BATCH, NUM_POSITIONS)
+  # With all remaining positions as queries the construction is deterministic,
+  # so each entry equals -log softmax of next_position_distribution.
+  config_all = micro_config(density=None)
+  model_all = heptapod.Heptapod(config_all, rngs=nnx.Rngs(3))
+  nll_all = model_all.next_token_nll(LABELS, tokens, jax.random.key(1))
+  for t in (0, 5, NUM_POSITIONS - 1):
+    logits = model_all.next_position_distribution(LABELS, tokens, t, jax.random.key(9)).logits
+    expected = -jax.nn.log_softmax(logits)[jnp.arange(BATCH), tokens[:, t]]
+    np.testing.assert_allclose(nll_all[:, t], expected, rtol=1e-4, atol=1e-5)
+  assert np.isfinite(np.asarray(nll)).all()

@@ -171,3 +171,43 @@ def ddpm_sample(net, schedule, condition, channels, rng, temperature):
     return mean + scale * temperature * noise
 
   return jax.lax.fori_loop(0, num_steps, body, x)
+
+
+def variational_bound(net, schedule, targets, condition, rng):
+  """A one-sample Monte Carlo estimate of the DDPM variational bound, in nats.
+
+  -log p(x_0) <= L_prior + sum_t L_t, with L_t the KL between the true and the
+  model posterior (the model uses the fixed posterior variance, clipped at
+  t=0 as in improved DDPM) and L_0 a Gaussian decoder term. One t is drawn per
+  row, so `num_steps * L_t` is unbiased for the sum. Densities are of the
+  continuous token values, so the bound can be negative.
+  targets: [M, C]; condition: [M, W] -> [M] nats per token.
+  """
+  step_rng, noise_rng = jax.random.split(rng)
+  num_steps = len(schedule.betas)
+  alphas_cumprod = np.asarray(schedule.alphas_cumprod)
+  previous = np.concatenate([[1.0], alphas_cumprod[:-1]])
+  betas = np.asarray(schedule.betas)
+  variance = betas * (1 - previous) / (1 - alphas_cumprod)
+  variance = np.append(variance[1], variance[1:]) if num_steps > 1 else np.maximum(variance, 1e-20)
+  table = {name: jnp.asarray(value, jnp.float32) for name, value in dict(
+      alphas_cumprod=alphas_cumprod, betas=betas, variance=variance,
+      step=schedule.timestep_map).items()}
+  steps = jax.random.randint(step_rng, targets.shape[:1], 0, num_steps)
+  noise = jax.random.normal(noise_rng, targets.shape, jnp.float32)
+  alpha_bar = table["alphas_cumprod"][steps][:, None]
+  beta = table["betas"][steps][:, None]
+  var = table["variance"][steps][:, None]
+  noisy = jnp.sqrt(alpha_bar) * targets + jnp.sqrt(1 - alpha_bar) * noise
+  predicted = net(noisy, table["step"][steps], condition)
+  # μ = (x_t - β/√(1-ᾱ) ε) / √α: the means differ only through ε.
+  mean_gap = beta / jnp.sqrt(1 - alpha_bar) / jnp.sqrt(1 - beta) * (predicted - noise)
+  kl = 0.5 * jnp.sum(jnp.square(mean_gap) / var, axis=-1)
+  model_mean = (noisy - beta / jnp.sqrt(1 - alpha_bar) * predicted) / jnp.sqrt(1 - beta)
+  decoder_nll = 0.5 * jnp.sum(jnp.square(targets - model_mean) / var
+                              + jnp.log(2 * np.pi * var), axis=-1)
+  term = jnp.where(steps == 0, decoder_nll, kl)
+  last = float(alphas_cumprod[-1])
+  prior = 0.5 * jnp.sum(last * jnp.square(targets) + (1 - last) - 1
+                        - np.log(1 - last), axis=-1)
+  return num_steps * term + prior

@@ -135,6 +135,35 @@ class Heptapod(nnx.Module):
         jnp.tile(features, (mul, 1)), rng)
     return row_losses.reshape(mul, -1).mean(axis=0)
 
+  def next_token_nll(self, labels, tokens, rng):
+    """Negative log-likelihood of every next token, [batch, N] in nats.
+
+    For each t, the distribution of x_{t+1} is read exactly as the sampler
+    reads it (slot 0 of the head's query construction). Discrete tokens give
+    the exact cross-entropy; continuous tokens a one-sample estimate of the
+    diffusion variational bound (an upper bound on -log density).
+    """
+    query_rng, output_rng = jax.random.split(rng)
+    batch = labels.shape[0]
+    hidden = self.backbone(labels, tokens[:, :-1])
+    timesteps = jnp.broadcast_to(jnp.arange(self.num_positions, dtype=jnp.int32),
+                                 (batch, self.num_positions))
+    queries = heads.select_queries(query_rng, timesteps, self.head_config,
+                                   self.num_positions)
+    z = self.head(hidden, timesteps, queries)
+    z = jnp.take_along_axis(z, queries.target_slots[..., :1, None], axis=2)[:, :, 0]
+    features = z.reshape(-1, z.shape[-1])
+    flat_tokens = tokens.reshape((-1,) + tokens.shape[2:])
+    if self.token_kind == "discrete":
+      bias = self.output.bias[...] if self.output.bias is not None else None
+      rows = losses.chunked_cross_entropy(features, self.output.kernel[...], bias,
+                                          flat_tokens, self.head_config.loss_chunk_size)
+    else:
+      schedule = diffusion_lib.Schedule.cosine(self.num_diffusion_steps)
+      rows = diffusion_lib.variational_bound(
+          self.output, schedule, flat_tokens.astype(jnp.float32), features, output_rng)
+    return rows.reshape(batch, self.num_positions)
+
   # ---------------------------------------------------------------- sampling
 
   def head_condition(self, h_t, timesteps, rng):
