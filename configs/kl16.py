@@ -14,16 +14,7 @@ from heptapod_jax import config_lib
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, small=False)
   if arg.small:
-    config = config_lib.tokenizer_training_config(
-        name="kl_small", dataset="fashion_mnist", image_size=32, batch_size=64)
-    config.train.num_steps = 3000
-    config.train.log_every = 100
-    config.train.checkpoint_every = 1000
-    config.optim.learning_rate = 2e-3
-    config.optim.warmup_steps = 100
-    config.optim.ema_decay = 0.99
-    config.tokenizer.loss.discriminator = "patchgan_small"
-    return config
+    return config_lib.small_tokenizer_training_config("kl_small")
   config = config_lib.tokenizer_training_config(
       name="kl16", dataset="imagenet2012", image_size=256, batch_size=128)
   config.tokenizer.loss.perceptual_weight = 1.0

@@ -134,6 +134,11 @@ def main(argv):
   if not _WORKDIR.value:
     _fail("--workdir is required")
   workdir = _WORKDIR.value
+  if config.get("pipeline") is not None and mode in ("sample", "eval", "extract"):
+    # The stages of a pipeline config hand each other paths under WORKDIR.
+    from heptapod_jax import pipeline
+    config = (pipeline.stage_config(config, workdir) if mode != "extract"
+              else pipeline.image_config(config, workdir))
   try:
     if mode == "summary":
       run_summary(config, workdir)
@@ -149,6 +154,9 @@ def main(argv):
     elif task == "tokenizer":
       from heptapod_jax.train import tokenizer as tokenizer_lib
       tokenizer_lib.run(config, workdir)
+    elif config.get("pipeline") is not None:
+      from heptapod_jax import pipeline
+      pipeline.run(config, workdir)
     else:
       from heptapod_jax.train import generator
       generator.run(config, workdir)

@@ -20,7 +20,8 @@ def _run_main(argv):
     return main_lib.main([argv[0]])
 
 
-# What each mode says about a fresh workdir with the raw-image micro config.
+# What each mode says about a fresh workdir with an ImageNet micro config
+# (raw images, no tokenizer, no checkpoint).
 _EXPECTED_ERRORS = {
     "train": "data.dataset: the generator trains on token shards",
     "extract": "tokenizer.init_from: --mode=extract needs a tokenizer directory",
@@ -31,7 +32,7 @@ _EXPECTED_ERRORS = {
 
 @pytest.mark.parametrize("mode", config_lib.MODES)
 def test_every_mode_parses(mode, tmp_path, repo_root, capsys):
-  config = f"{repo_root}/configs/fashion_mnist.py:variant=micro"
+  config = f"{repo_root}/configs/b256.py:variant=micro,runlocal"
   argv = ["main", f"--config={config}", f"--workdir={tmp_path}", f"--mode={mode}"]
   if mode == "summary":
     _run_main(argv)
