@@ -38,6 +38,9 @@ def get_config(arg=None):
   config.sample.grid_rows = 10
   config.sample.grid_columns = 10
   config.eval.classifier_train_steps = 1000
+  # Test NLL on the first 10 test batches (640 images x 64 tokens): each needs
+  # the head for every timestep, the costliest part of the evaluation on CPU.
+  config.eval.nll_max_batches = 10
   config.extract.batch_size = 500
 
   config.pipeline = ml_collections.ConfigDict()

@@ -233,9 +233,9 @@ def small_tokenizer_training_config(name):
   """A small tokenizer (vq_small / kl_small) on Fashion-MNIST 32x32: minutes on 2 cores."""
   config = tokenizer_training_config(name=name, dataset="fashion_mnist",
                                      image_size=32, batch_size=64)
-  config.train.num_steps = 3000
+  config.train.num_steps = 1000
   config.train.log_every = 100
-  config.train.checkpoint_every = 1000
+  config.train.checkpoint_every = 500
   config.optim.learning_rate = 2e-3
   config.optim.warmup_steps = 100
   config.optim.ema_decay = 0.99

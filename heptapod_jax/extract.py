@@ -84,6 +84,7 @@ def run(config, workdir):
     bounds = np.linspace(0, len(source), num_shards + 1).astype(int)
     mine = range(jax.process_index(), num_shards, jax.process_count())
     start_time, done, total = time.time(), 0, sum(bounds[i + 1] - bounds[i] for i in mine)
+    last_report = 0.0
     for shard in mine:
       path = cached_tokens.token_shard_path(output_dir, split, shard, num_shards)
       begin, end = bounds[shard], bounds[shard + 1]
@@ -105,9 +106,11 @@ def run(config, workdir):
             latent_moments += [tokens.size, tokens.sum(), np.square(tokens).sum()]
           done += len(examples)
           elapsed = time.time() - start_time
-          rate = done / max(elapsed, 1e-9)
-          logging.info("[extract] %s: %d/%d images, %.1f images/s, ETA %.0f s",
-                       split, done, total, rate, (total - done) / max(rate, 1e-9))
+          if elapsed - last_report >= 10 or done == total:
+            last_report = elapsed
+            rate = done / max(elapsed, 1e-9)
+            logging.info("[extract] %s: %d/%d images, %.1f images/s, ETA %.0f s",
+                         split, done, total, rate, (total - done) / max(rate, 1e-9))
     summary["splits"][split] = {"num_examples": int(len(source)),
                                 "num_shards": int(num_shards)}
   if latent_moments[0] > 0:

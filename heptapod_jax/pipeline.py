@@ -24,6 +24,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from heptapod_jax import data
 from heptapod_jax import images as images_lib
 
 
@@ -36,6 +37,8 @@ def stage_config(config, workdir):
   resolved = config.copy_and_resolve_references()
   resolved.tokenizer.init_from = tokenizer_dir(config, workdir)
   tokens = os.path.join(workdir, "tokens")
+  # The token shards are named after the image dataset's splits.
+  resolved.data.eval_split = data.eval_split(config.data)
   resolved.data.dataset = "cached_tokens"
   resolved.data.cached_tokens = tokens
   metadata = os.path.join(tokens, "tokens.json")

@@ -244,3 +244,9 @@ def test_two_processes_match_one_process(tmp_path, repo_root):
   result = json.loads(output.read_text())
   assert result["process_count"] == 2 and result["device_count"] == 8
   np.testing.assert_allclose(result["losses"], single, atol=1e-5, rtol=0)
+
+
+def test_ema_decay_warms_up():
+  decays = [float(optim.ema_decay_at(0.999, step)) for step in (0, 10, 990, 10**6)]
+  np.testing.assert_allclose(decays[:3], [0.1, 0.55, 0.991], rtol=1e-6)
+  assert decays[3] == pytest.approx(0.999)

@@ -112,6 +112,9 @@ def test_nll(config, workdir, max_batches=None):
       mask = np.asarray(batch["mask"])
       total += float(nll[mask].sum())
       count += int(mask.sum()) * num_positions
+      logging.info("[eval] NLL batch %d%s: %.4f bits/token so far", index + 1,
+                   f"/{max_batches}" if max_batches else "",
+                   total / max(count, 1) / math.log(2))
   nats = total / max(count, 1)
   return {"bits_per_token": nats / math.log(2), "nats_per_token": nats,
           "num_tokens": count, "split": split, "checkpoint_step": int(step),

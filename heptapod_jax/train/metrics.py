@@ -107,7 +107,12 @@ class TrainReporter:
     scalars.update(phase_times)
     self.writer.write_scalars(step, scalars)
     shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(scalars.items()))
-    logging.info("[train] step %d/%d: %s", step, self.total_steps, shown)
+    eta = ""
+    if "perf/steps_per_second" in scalars:
+      seconds = (self.total_steps - step) / max(scalars["perf/steps_per_second"], 1e-9)
+      eta = f" ETA {int(seconds // 60)}m{int(seconds % 60):02d}s,"
+    logging.info("[train] step %d/%d (%.0f%%),%s %s", step, self.total_steps,
+                 100.0 * step / self.total_steps, eta, shown)
     return scalars
 
   def close(self):

@@ -5,6 +5,7 @@ biases, embedding tables or learned query/position vectors.
 """
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -62,6 +63,11 @@ def make_optimizer(optim_config, total_steps):
                            eps=optim_config.eps,
                            weight_decay=optim_config.weight_decay, mask=decay_mask))
   return optax.chain(*chain), schedule
+
+
+def ema_decay_at(decay, step):
+  """min(decay, (1 + step) / (10 + step)): short runs get a usable EMA too."""
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
 def update_ema(ema, params, decay):

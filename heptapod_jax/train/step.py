@@ -111,7 +111,8 @@ def build(task, config, mesh, total_steps):
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
     new_state = {"step": step + 1, "params": new_params, "opt_state": opt_state,
-                 "ema": optim.update_ema(state["ema"], new_params, ema_decay)}
+                 "ema": optim.update_ema(state["ema"], new_params,
+                                         optim.ema_decay_at(ema_decay, step))}
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     # A non-finite step leaves the state untouched; the host loop stops the run.
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),

@@ -204,11 +204,12 @@ def run(config, workdir):
   metrics = evaluate(config, params, workdir)
   metrics["train_seconds"] = time.time() - start
   logging.info("[tokenizer] eval on %s: %s", metrics["split"], metrics)
+  # Every process takes part in the (collective) Orbax save.
+  convert_tokenizer.write_tokenizer_dir(
+      export_dir, config.tokenizer.name, params,
+      {"source": "heptapod_jax tokenizer training", "workdir": os.path.abspath(workdir),
+       "step": int(result["step"]), "weights": "ema"}, overwrite=True)
   if jax.process_index() == 0:
-    convert_tokenizer.write_tokenizer_dir(
-        export_dir, config.tokenizer.name, params,
-        {"source": "heptapod_jax tokenizer training", "workdir": os.path.abspath(workdir),
-         "step": int(result["step"]), "weights": "ema"})
     with open(os.path.join(workdir, "tokenizer_metrics.json"), "w") as f:
       json.dump(metrics, f, indent=2)
   result["eval"] = metrics

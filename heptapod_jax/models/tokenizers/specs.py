@@ -79,11 +79,11 @@ SPECS = {
         encoder_attention=True, decoder_attention=False),
     # Small variants for 28x28 (padded) / 32x32 images: stride 4 -> 8x8 tokens.
     "vq_small": TokenizerSpec(
-        name="vq_small", family="vq", ch=32, ch_mult=(1, 2, 2),
+        name="vq_small", family="vq", ch=16, ch_mult=(1, 2, 2),
         num_res_blocks=1, z_channels=64, encoder_attention=False,
         decoder_attention=False, norm_groups=8, codebook_size=512, code_dim=8),
     "kl_small": TokenizerSpec(
-        name="kl_small", family="kl", ch=32, ch_mult=(1, 2, 2),
+        name="kl_small", family="kl", ch=16, ch_mult=(1, 2, 2),
         num_res_blocks=1, z_channels=4, latent_channels=4,
         encoder_attention=False, decoder_attention=False, norm_groups=8),
 }
