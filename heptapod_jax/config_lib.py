@@ -161,6 +161,10 @@ def generator_config(*, variant, tokenizer, image_size, num_classes,
 
   _train_sections(config, num_steps=100_000, log_every=50, checkpoint_every=1000)
 
+  config.train.sample_every = 0  # class grid of the EMA model to TensorBoard; 0 = off
+  config.train.sample_grid_per_class = 8
+  config.train.eval_every = 0  # test NLL (eval.nll_max_batches) to TensorBoard; 0 = off
+
   config.sample = sampler.default_sample_config()
   config.sample.checkpoint = config_dict.placeholder(str)  # None: WORKDIR/checkpoints
   config.sample.output_dir = config_dict.placeholder(str)  # None: WORKDIR/samples

@@ -250,3 +250,40 @@ def test_ema_decay_warms_up():
   decays = [float(optim.ema_decay_at(0.999, step)) for step in (0, 10, 990, 10**6)]
   np.testing.assert_allclose(decays[:3], [0.1, 0.55, 0.991], rtol=1e-6)
   assert decays[3] == pytest.approx(0.999)
+
+
+def test_sample_grid_and_nll_reach_tensorboard(tmp_path):
+  import glob
+
+  import tensorflow as tf
+  import train_setup
+  from flax import nnx
+  from heptapod_jax import data as data_lib
+  from heptapod_jax.models import tokenizers
+  from heptapod_jax.tools import convert_tokenizer
+
+  train_setup.write_token_shards(tmp_path / "tokens")
+  tokenizer = tokenizers.build_tokenizer("vq_small", rngs=nnx.Rngs(0))
+  convert_tokenizer.write_tokenizer_dir(
+      tmp_path / "tokenizer", "vq_small", nnx.to_pure_dict(nnx.state(tokenizer, nnx.Param)))
+  config = train_setup.pipeline_config(tmp_path / "tokens")
+  config.data.eval_split = "train"
+  config.tokenizer.init_from = str(tmp_path / "tokenizer")
+  config.train.num_steps = 2
+  config.train.sample_every = 2
+  config.train.sample_grid_per_class = 2
+  config.train.eval_every = 2
+  config.eval.nll_max_batches = 1
+  iterator = iter(data_lib.make_dataset(config.data, split="train", seed=0,
+                                        process_index=0, process_count=1))
+  trainer.train(generator.GeneratorTask(config), config, str(tmp_path / "run"), iterator)
+  tags = {}
+  for path in glob.glob(str(tmp_path / "run" / "events.*")):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        tags[value.tag] = value
+  assert "eval/bits_per_token" in tags
+  assert "samples" in tags
+  image = tf.io.decode_image(tags["samples"].tensor.string_val[2]).numpy()
+  # 10 classes x 2 samples of 16x16 images with 2-pixel padding.
+  assert image.shape == (10 * 18 + 2, 2 * 18 + 2, 3)

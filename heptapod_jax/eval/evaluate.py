@@ -78,13 +78,21 @@ def fashion_quality(config, workdir, samples, labels):
 
 def test_nll(config, workdir, max_batches=None):
   """Mean next-token NLL over the token shards' eval split, in bits per token."""
-  import jax.numpy as jnp
   from heptapod_jax.parallel import sharding
   from heptapod_jax.sample import generate
 
   mesh = sharding.make_mesh(config)
   checkpoint_dir = config.sample.checkpoint or os.path.join(workdir, "checkpoints")
   model, step = generate.load_generator(config, checkpoint_dir, mesh)
+  result = model_nll(config, model, mesh, max_batches)
+  result["checkpoint_step"] = int(step)
+  return result
+
+
+def model_nll(config, model, mesh, max_batches=None):
+  """Mean next-token NLL of `model` over the eval split (bits and nats per token)."""
+  import jax.numpy as jnp
+
   graphdef, state = nnx.split(model)
   num_positions = model.num_positions
   scale = config.tokenizer.latent_scale if config.tokenizer.kind == "continuous" else None
@@ -117,7 +125,7 @@ def test_nll(config, workdir, max_batches=None):
                    total / max(count, 1) / math.log(2))
   nats = total / max(count, 1)
   return {"bits_per_token": nats / math.log(2), "nats_per_token": nats,
-          "num_tokens": count, "split": split, "checkpoint_step": int(step),
+          "num_tokens": count, "split": split,
           "kind": ("exact cross-entropy" if scale is None else
                    "diffusion variational bound on the scaled-latent density")}
 

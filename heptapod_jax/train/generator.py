@@ -1,6 +1,7 @@
 """The Heptapod generator as a training task: model + loss on token batches."""
 
 import jax
+from absl import logging
 
 from heptapod_jax import config_lib
 from heptapod_jax import data
@@ -18,6 +19,53 @@ class GeneratorTask:
     self.sharding_rules = sharding.rules_for(config.model.variant)
     self.latent_scale = (config.tokenizer.latent_scale
                          if config.tokenizer.kind == "continuous" else None)
+    self._decode_fn = None
+    if config.train.sample_every and config.tokenizer.init_from:
+      # Built here, outside the trainer's mesh context (nnx.eval_shape under a
+      # mesh would read logical axis names as mesh axes).
+      from heptapod_jax.sample import generate
+      self._decode_fn = generate.make_decode_fn(config)
+
+  def periodic(self, *, step, params, graphdef, rest, mesh, writer):
+    """Every train.sample_every steps a class grid, every train.eval_every the
+    test NLL, both from the EMA parameters, to TensorBoard."""
+    train_config = self.config.train
+    sample_now = train_config.sample_every and step % train_config.sample_every == 0
+    eval_now = train_config.eval_every and step % train_config.eval_every == 0
+    if not (sample_now or eval_now):
+      return
+    from flax import nnx
+    from heptapod_jax import nnx_utils
+    model = nnx.merge(graphdef, params, nnx_utils.fresh_rng_state(rest, jax.random.key(0)))
+    model.eval()
+    if sample_now:
+      if not self.config.tokenizer.init_from:
+        logging.warning("[train] no sample grid: tokenizer.init_from is not set")
+      else:
+        writer.write_images(step, {"samples": self._sample_grid(model, mesh)[None]})
+    if eval_now:
+      from heptapod_jax.eval import evaluate
+      nll = evaluate.model_nll(self.config, model, mesh,
+                               self.config.eval.nll_max_batches or 5)
+      writer.write_scalars(step, {"eval/bits_per_token": nll["bits_per_token"]})
+
+  def _sample_grid(self, model, mesh):
+    """uint8 [H, W, 3]: train.sample_grid_per_class samples of up to 10 classes."""
+    import numpy as np
+    from heptapod_jax import images as images_lib
+    from heptapod_jax.sample import sampler as sampler_lib
+    per_class = self.config.train.sample_grid_per_class
+    classes = min(self.config.model.num_classes, 10)
+    labels = np.repeat(np.arange(classes, dtype=np.int32), per_class)
+    sampler = sampler_lib.Sampler(model, mesh=mesh, batch_axes=sharding.BATCH_AXES,
+                                  decode_fn=self._decode_fn)
+    params = sampler_lib.sampling_params_from_config(
+        self.config.sample, default_diffusion_temperature=self.config.model.diffusion.temperature)
+    replicas = mesh.shape["data"] * mesh.shape["fsdp"]
+    batch_size = -(-len(labels) // replicas) * replicas
+    images = [images_lib.to_uint8(batch.images) for batch in
+              sampler.batches(labels, params, seed=0, batch_size=batch_size)]
+    return images_lib.grid(np.concatenate(images)[:len(labels)], columns=per_class)
 
   def build_model(self, rngs):
     return heptapod.Heptapod(self.config, rngs=rngs)

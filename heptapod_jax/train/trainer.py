@@ -106,6 +106,10 @@ def train(task, config, workdir, data_iterator, *, mesh=None):
           averaged = {f"train/{key}": float(np.mean([values[key] for _, values in host]))
                       for key in host[-1][1] if key != "finite"}
           last_scalars = reporter.report(step, averaged, timer.pop())
+        if hasattr(task, "periodic"):
+          with timer.phase("periodic"):
+            task.periodic(step=step, params=state["ema"], graphdef=functions.graphdef,
+                          rest=functions.rest, mesh=mesh, writer=reporter.writer)
         if save:
           with timer.phase("checkpoint"):
             checkpointer.save(step, state, data_iterator, config_json)
