@@ -79,22 +79,26 @@ def _cast(key, value, default):
   return value
 
 
+def _tokenizer_section(name):
+  """config.tokenizer with every TOKENIZERS field (0 where it does not apply)."""
+  if name not in TOKENIZERS:
+    raise ConfigError(f"tokenizer.name: unknown tokenizer {name!r}; "
+                      f"allowed: {sorted(TOKENIZERS)}")
+  section = ml_collections.ConfigDict(dict(TOKENIZERS[name]))
+  section.name = name
+  for field in ("codebook_size", "latent_channels", "code_dim"):
+    section[field] = section.get(field, 0)
+  return section
+
+
 def generator_config(*, variant, tokenizer, image_size, num_classes,
                      batch_size, dataset):
   """The Heptapod generator config: model, tokenizer, data and mesh sections."""
-  if tokenizer not in TOKENIZERS:
-    raise ConfigError(
-        f"tokenizer.name: unknown tokenizer {tokenizer!r}; "
-        f"allowed: {sorted(TOKENIZERS)}")
   config = ml_collections.ConfigDict()
   config.task = "generator"
   config.seed = 0
 
-  config.tokenizer = ml_collections.ConfigDict(dict(TOKENIZERS[tokenizer]))
-  config.tokenizer.name = tokenizer
-  config.tokenizer.codebook_size = config.tokenizer.get("codebook_size", 0)
-  config.tokenizer.latent_channels = config.tokenizer.get("latent_channels", 0)
-  config.tokenizer.code_dim = config.tokenizer.get("code_dim", 0)
+  config.tokenizer = _tokenizer_section(tokenizer)
   # A tokenizer directory (tools.convert_tokenizer output or a trained
   # tokenizer's WORKDIR/tokenizer); needed to encode images or decode samples.
   config.tokenizer.init_from = config_dict.placeholder(str)
@@ -198,17 +202,10 @@ def _train_sections(config, *, num_steps, log_every, checkpoint_every):
 
 def tokenizer_training_config(*, name, dataset, image_size, batch_size):
   """Config to train a visual tokenizer (reconstruction only) on images."""
-  if name not in TOKENIZERS:
-    raise ConfigError(f"tokenizer.name: unknown tokenizer {name!r}; "
-                      f"allowed: {sorted(TOKENIZERS)}")
   config = ml_collections.ConfigDict()
   config.task = "tokenizer"
   config.seed = 0
-  config.tokenizer = ml_collections.ConfigDict(dict(TOKENIZERS[name]))
-  config.tokenizer.name = name
-  config.tokenizer.codebook_size = config.tokenizer.get("codebook_size", 0)
-  config.tokenizer.latent_channels = config.tokenizer.get("latent_channels", 0)
-  config.tokenizer.code_dim = config.tokenizer.get("code_dim", 0)
+  config.tokenizer = _tokenizer_section(name)
   loss = config.tokenizer.loss = ml_collections.ConfigDict()
   loss.reconstruction = "l2"  # l1 | l2
   loss.codebook_weight = 1.0  # VQ: codebook + commitment (beta in the spec)
