@@ -212,8 +212,22 @@ def run(config, workdir):
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "tokenizer_metrics.json"), "w") as f:
       json.dump(metrics, f, indent=2)
+    _write_tensorboard(workdir, int(result["step"]), metrics)
   result["eval"] = metrics
   return result
+
+
+def _write_tensorboard(workdir, step, metrics):
+  """Eval scalars and the originals-over-reconstructions grid to TensorBoard."""
+  from clu import metric_writers
+  from PIL import Image
+  writer = metric_writers.create_default_writer(os.path.join(workdir, "eval"))
+  writer.write_scalars(step, {f"eval/{key}": value for key, value in metrics.items()
+                              if isinstance(value, (int, float))})
+  grid_path = os.path.join(workdir, "reconstructions.png")
+  if os.path.exists(grid_path):
+    writer.write_images(step, {"reconstructions": np.asarray(Image.open(grid_path))[None]})
+  writer.close()
 
 
 def _perceptual_module(loss_config):
