@@ -1,7 +1,6 @@
 """Evaluation metrics: closed forms, the FID Inception's weight layout, references,
 and the in-project Fashion-MNIST classifier (trained briefly on a subset)."""
 
-import gzip
 import pathlib
 import sys
 
@@ -11,6 +10,7 @@ import pytest
 from scipy import linalg
 
 from heptapod_jax import eval as eval_lib
+from heptapod_jax.data import fashion_mnist
 from heptapod_jax.eval import classifier
 from heptapod_jax.eval import inception
 from heptapod_jax.eval import metrics
@@ -359,14 +359,6 @@ def test_compute_reference_streams_batches_like_all_at_once():
 # --- Fashion-MNIST classifier ----------------------------------------------------
 
 
-def _read_idx(path):
-  with gzip.open(path, "rb") as f:
-    data = f.read()
-  dims = data[3]
-  shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(dims))
-  return np.frombuffer(data, np.uint8, offset=4 + 4 * dims).reshape(shape)
-
-
 def _as_classifier_input(images):
   """uint8 [N, 28, 28] -> float32 [N, 32, 32, 3] in [-1, 1] (pipeline convention)."""
   padded = np.pad(images, ((0, 0), (2, 2), (2, 2))).astype(np.float32) / 127.5 - 1.0
@@ -375,10 +367,10 @@ def _as_classifier_input(images):
 
 @pytest.fixture(scope="module")
 def fashion():
-  train = _as_classifier_input(_read_idx(FASHION_DIR / "train-images-idx3-ubyte.gz")[:3000])
-  train_labels = _read_idx(FASHION_DIR / "train-labels-idx1-ubyte.gz")[:3000]
-  test = _as_classifier_input(_read_idx(FASHION_DIR / "t10k-images-idx3-ubyte.gz")[:1000])
-  test_labels = _read_idx(FASHION_DIR / "t10k-labels-idx1-ubyte.gz")[:1000]
+  train = _as_classifier_input(fashion_mnist.read_idx(FASHION_DIR / "train-images-idx3-ubyte.gz")[:3000])
+  train_labels = fashion_mnist.read_idx(FASHION_DIR / "train-labels-idx1-ubyte.gz")[:3000]
+  test = _as_classifier_input(fashion_mnist.read_idx(FASHION_DIR / "t10k-images-idx3-ubyte.gz")[:1000])
+  test_labels = fashion_mnist.read_idx(FASHION_DIR / "t10k-labels-idx1-ubyte.gz")[:1000]
   return train, train_labels, test, test_labels
 
 

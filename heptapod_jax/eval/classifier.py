@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from heptapod_jax.data import fashion_mnist
 from heptapod_jax.eval import metrics
 from heptapod_jax.models import layers
 
@@ -258,16 +259,6 @@ def fashion_metrics(classifier_params, samples, sample_labels, reference_images,
   return results
 
 
-def _read_idx(path):
-  """A gzipped IDX file (the Debian dataset-fashion-mnist format) -> uint8 array."""
-  import gzip  # pylint: disable=import-outside-toplevel
-  with gzip.open(path, "rb") as f:
-    data = f.read()
-  dims = data[3]
-  shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(dims))
-  return np.frombuffer(data, np.uint8, offset=4 + 4 * dims).reshape(shape)
-
-
 def _as_input(images):
   """uint8 [N, 28, 28] -> float32 [N, 32, 32, 3] in [-1, 1] (pipeline convention)."""
   padded = np.pad(images, ((0, 0), (2, 2), (2, 2))).astype(np.float32) / 127.5 - 1.0
@@ -285,8 +276,8 @@ def _main():
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args()
   split = lambda name: (  # noqa: E731
-      _as_input(_read_idx(os.path.join(args.data_dir, f"{name}-images-idx3-ubyte.gz"))),
-      _read_idx(os.path.join(args.data_dir, f"{name}-labels-idx1-ubyte.gz")))
+      _as_input(fashion_mnist.read_idx(os.path.join(args.data_dir, f"{name}-images-idx3-ubyte.gz"))),
+      fashion_mnist.read_idx(os.path.join(args.data_dir, f"{name}-labels-idx1-ubyte.gz")))
   train, train_labels = split("train")
   test, test_labels = split("t10k")
   start = time.time()
