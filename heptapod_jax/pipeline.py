@@ -76,7 +76,8 @@ def _class_grid(config, workdir, images, labels, per_class):
   return path
 
 
-def run(config, workdir):
+def run(config, workdir, stop_after=None):
+  """Runs the stages in order; stop_after="tokens" ends after extraction."""
   from heptapod_jax import extract
   from heptapod_jax.eval import evaluate
   from heptapod_jax.sample import generate
@@ -104,6 +105,8 @@ def run(config, workdir):
   logging.info("[pipeline] 2/5 extracting tokens")
   extract.run(image_config(config, workdir), workdir)
   times["extract_s"] = time.time() - stage
+  if stop_after == "tokens":
+    return {"reason": "finished", "times": times}
 
   # 3. Generator.
   stage = time.time()
@@ -154,7 +157,9 @@ def _write_summary(config, workdir, metrics, times):
     lines.append(f"  samples: class accuracy {fashion['class_accuracy']:.3f}, "
                  f"Fréchet distance {fashion['frechet_distance']:.3f} "
                  f"({fashion['frechet_distance_ratio']:.1f}x train-vs-test "
-                 f"{fashion['train_vs_test_frechet_distance']:.3f}), "
+                 f"{fashion['train_vs_test_frechet_distance']:.3f}; real images at "
+                 f"{fashion['num_samples']} samples: "
+                 f"{fashion['real_frechet_distance_at_num_samples']:.3f}), "
                  f"precision {fashion['precision']:.3f}, recall {fashion['recall']:.3f}")
   nll = metrics.get("nll")
   if nll:

@@ -136,6 +136,24 @@ def test_fashion_mnist_from_the_debian_files():
   assert fashion_mnist.FashionMnistSource(FASHION_DIR, "test", 16)[0]["image"].shape == (16, 16, 3)
 
 
+def test_max_examples_keeps_a_prefix_of_every_split():
+  config = fashion_config(batch_size=8)
+  full = data.make_source(config, "test")
+  config.max_examples = 20
+  prefix = data.make_source(config, "test")
+  assert len(prefix) == 20
+  np.testing.assert_array_equal(prefix[19]["image"], full[19]["image"])
+  with pytest.raises(IndexError):
+    prefix[20]
+  batches = list(data.make_dataset(config, split="test", seed=0, process_index=0,
+                                   process_count=1, num_epochs=1, shuffle=False,
+                                   drop_remainder=True))
+  assert sum(len(b["label"]) for b in batches) == 16  # 2 whole batches of 8 from 20
+  config.max_examples = 0
+  with pytest.raises(ValueError, match="data.max_examples"):
+    data.make_source(config, "test")
+
+
 def test_fashion_mnist_missing_directory_names_the_fix(tmp_path):
   config = fashion_config()
   config.fashion_mnist_dir = str(tmp_path / "nowhere")

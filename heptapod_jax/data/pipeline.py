@@ -77,6 +77,9 @@ def default_data_config():
   # many finished batches they may hold.
   c.read_threads = 4
   c.prefetch_batches = 4
+  # Read only the first N examples of every split (None: all). For quick runs
+  # and ablations; the FID-style reference sets of the evaluator are not cut.
+  c.max_examples = config_dict.placeholder(int)
   return c
 
 
@@ -97,6 +100,8 @@ def validate_data_config(data_config):
     value = data_config[field]
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
       raise ValueError(f"data.{field}: must be an integer >= 0, got {value!r}")
+  if data_config.get("max_examples") is not None and data_config.max_examples < 1:
+    raise ValueError(f"data.max_examples: must be >= 1 or None, got {data_config.max_examples}")
   required = {"image_folder": "image_folder", "cached_tokens": "cached_tokens"}
   field = required.get(data_config.dataset)
   if field and not data_config[field]:
@@ -111,6 +116,32 @@ def make_source(data_config, split):
   cached_tokens gives {"tokens": int32 [h, w] | float32 [h, w, C], "label":
   int32, optional "tokens_flipped"}.
   """
+  source = _full_source(data_config, split)
+  limit = data_config.get("max_examples")
+  if limit is not None and limit < len(source):
+    return _Prefix(source, limit)
+  return source
+
+
+class _Prefix:
+  """The first `count` examples of a random-access source."""
+
+  def __init__(self, source, count):
+    self.source, self.count = source, count
+
+  def __len__(self):
+    return self.count
+
+  def __getitem__(self, index):
+    if not 0 <= index < self.count:
+      raise IndexError(f"index {index} out of range for {self.count} examples")
+    return self.source[index]
+
+  def __getattr__(self, name):  # paths, class names, corrupt-image counters...
+    return getattr(self.source, name)
+
+
+def _full_source(data_config, split):
   validate_data_config(data_config)
   dataset = data_config.dataset
   if dataset == "fashion_mnist":

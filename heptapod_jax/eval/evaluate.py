@@ -6,7 +6,9 @@ parameters (for the test NLL), and reference data. Metrics:
   recall and class accuracy in the feature space of the in-project classifier
   (trained once and cached at eval.classifier_path or WORKDIR/classifier.npz),
   against the Fashion-MNIST test set; plus the same distance between 10k
-  training images and the test set, the yardstick for the first one.
+  training images and the test set, the yardstick for the first one, and
+  between as many training images as samples and the test set (the floor at
+  this sample count).
 - `nll`: test NLL of the next token in bits per token over the token shards'
   eval split: exact for codes; for latents, a variational upper bound on the
   density of the scaled latents (see Heptapod.next_token_nll).
@@ -68,6 +70,12 @@ def fashion_quality(config, workdir, samples, labels):
   train_images, _ = _fashion_images(config, "train", limit=len(test_images))
   yardstick = classifier_lib.fashion_metrics(params, train_images, None, test_images)
   results["train_vs_test_frechet_distance"] = yardstick["frechet_distance"]
+  # Fréchet distances shrink with the sample count (estimation bias): the same
+  # distance for as many training images as there are samples is the floor a
+  # perfect generator would reach with this many samples.
+  same_size = min(len(samples), len(train_images))
+  results["real_frechet_distance_at_num_samples"] = classifier_lib.fashion_metrics(
+      params, train_images[:same_size], None, test_images)["frechet_distance"]
   results["frechet_distance_ratio"] = (
       results["frechet_distance"] / max(yardstick["frechet_distance"], 1e-12))
   results["classifier_test_accuracy"] = classifier_lib.classifier_accuracy(
