@@ -19,7 +19,8 @@ FASHION_FIELDS = {
     "num_samples", "frechet_distance", "precision", "recall", "classifier_score",
     "classifier_score_std", "class_accuracy", "train_vs_test_frechet_distance",
     "real_frechet_distance_at_num_samples", "frechet_distance_ratio",
-    "classifier_test_accuracy", "classifier_path",
+    "classifier_test_accuracy", "classifier_path", "reconstruction_frechet_distance",
+    "reconstruction_class_accuracy",
 }
 NLL_FIELDS = {"bits_per_token", "nats_per_token", "num_tokens", "split", "kind",
               "checkpoint_step"}

@@ -8,7 +8,8 @@ parameters (for the test NLL), and reference data. Metrics:
   against the Fashion-MNIST test set; plus the same distance between 10k
   training images and the test set, the yardstick for the first one, and
   between as many training images as samples and the test set (the floor at
-  this sample count).
+  this sample count), and the distance and class accuracy of as many test
+  images passed through the tokenizer (its floor) when tokenizer.init_from is set.
 - `nll`: test NLL of the next token in bits per token over the token shards'
   eval split: exact for codes; for latents, a variational upper bound on the
   density of the scaled latents (see Heptapod.next_token_nll).
@@ -28,6 +29,7 @@ from flax import nnx
 
 from heptapod_jax import data
 from heptapod_jax import errors
+from heptapod_jax import images as images_lib
 from heptapod_jax.data import fashion_mnist
 from heptapod_jax.data import preprocess
 from heptapod_jax.eval import classifier as classifier_lib
@@ -80,8 +82,34 @@ def fashion_quality(config, workdir, samples, labels):
       results["frechet_distance"] / max(yardstick["frechet_distance"], 1e-12))
   results["classifier_test_accuracy"] = classifier_lib.classifier_accuracy(
       params, test_images, test_labels)
+  if config.tokenizer.init_from:
+    # The tokenizer's floor: test images through encode -> decode, as many as
+    # there are samples. A generator cannot beat its tokenizer's reconstructions.
+    count = min(len(samples), len(test_images))
+    reconstructions = _reconstruct(config.tokenizer.init_from, test_images[:count])
+    floor = classifier_lib.fashion_metrics(params, reconstructions, test_labels[:count],
+                                           test_images)
+    results["reconstruction_frechet_distance"] = floor["frechet_distance"]
+    results["reconstruction_class_accuracy"] = floor["class_accuracy"]
   results["classifier_path"] = path
   return results
+
+
+def _reconstruct(tokenizer_dir, images, batch_size=500):
+  """images [N, S, S, 3] in [-1, 1] -> decode(encode(images)), rounded to uint8 levels."""
+  from heptapod_jax.tools import convert_tokenizer
+  tokenizer = convert_tokenizer.load_tokenizer(tokenizer_dir)
+  graphdef, state = nnx.split(tokenizer)
+  round_trip = jax.jit(lambda state, x: nnx.merge(graphdef, state).decode(
+      nnx.merge(graphdef, state).encode(x)))
+  outputs = []
+  for first in range(0, len(images), batch_size):
+    chunk = images[first:first + batch_size]
+    padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk),) + chunk.shape[1:],
+                                             chunk.dtype)]) if len(chunk) < batch_size else chunk
+    outputs.append(np.asarray(round_trip(state, padded))[:len(chunk)])
+  # Samples are stored as uint8; quantize the same way.
+  return images_lib.to_uint8(np.concatenate(outputs)).astype(np.float32) / 127.5 - 1.0
 
 
 def test_nll(config, workdir, max_batches=None):
