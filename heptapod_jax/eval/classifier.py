@@ -24,6 +24,9 @@ classifier score (Inception-Score analogue over the 10 classes).
 
 import functools
 import os
+import time
+
+from absl import logging
 
 from flax import nnx
 from flax import traverse_util
@@ -142,12 +145,17 @@ def train_classifier(train_images, train_labels, *, steps=1000, seed=0,
   optimizer_state = optimizer.init(params)
   order_rng = np.random.default_rng(seed)
   order = np.zeros((0,), np.int64)
-  for _ in range(steps):
+  start = time.time()
+  for step in range(1, steps + 1):
     if order.shape[0] < batch_size:
       order = np.concatenate([order, order_rng.permutation(count)])
     batch, order = order[:batch_size], order[batch_size:]
-    params, optimizer_state, _ = _train_step(
+    params, optimizer_state, loss = _train_step(
         params, optimizer_state, train_images[batch], train_labels[batch], optimizer)
+    if step % 250 == 0 or step == steps:
+      rate = step / max(time.time() - start, 1e-9)
+      logging.info("[classifier] step %d/%d, loss %.3f, %.1f steps/s, ETA %.0f s",
+                   step, steps, float(loss), rate, (steps - step) / rate)
   return jax.tree.map(np.asarray, params)
 
 

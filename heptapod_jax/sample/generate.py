@@ -89,6 +89,10 @@ def run(config, workdir, *, num_samples=None, output_dir=None, write_files=True)
                                  batch_size=sample_config.batch_size):
       images.append(images_lib.to_uint8(batch.images))
       labels.append(np.asarray(batch.labels))
+      done = min(sum(len(chunk) for chunk in images), num_samples)
+      rate = done / max(time.time() - start, 1e-9)
+      logging.info("[sample] %d/%d images, %.1f images/s, ETA %.0f s", done, num_samples,
+                   rate, (num_samples - done) / rate)
   images = np.concatenate(images)[:num_samples]
   labels = np.concatenate(labels)[:num_samples].astype(np.int32)
   seconds = time.time() - start
