@@ -55,7 +55,7 @@ RUNS = {
 # Ablation scale: everything but the generator's step count is fixed here.
 SCALE = {
     "sample.num_samples": 1000,
-    "sample.batch_size": 500,
+    "sample.batch_size": 1000,
     "eval.nll_max_batches": 5,
     "train.sample_every": 0,
     "train.eval_every": 0,

@@ -31,6 +31,8 @@ def micro_config(tokenizer="vq_small", image_size=16, **head):
   config = load_config("fashion_mnist", f"variant=micro,tokenizer={tokenizer}")
   config.data.image_size = image_size
   config.data.batch_size = 8
+  # Equivalence tests compare at float32 tolerances (the default run uses bfloat16).
+  config.model.dtype = "float32"
   config.model.head.timesteps_per_image = 4
   config.model.head.density = 6
   for key, value in head.items():

@@ -21,6 +21,7 @@ def test_extracted_shards_read_back_identically(tmp_path):
   config.extract.splits = "test"
   config.extract.num_shards = 3
   config.extract.batch_size = 1000
+  config.extract.flip = True  # the default run skips flips; the shards must still carry them
   summary = extract.run(config, str(tmp_path))
   assert summary["splits"]["test"] == {"num_examples": 10000, "num_shards": 3}
   shards = sorted(p.name for p in (tmp_path / "tokens").iterdir())
