@@ -68,9 +68,8 @@ def get_config(arg=None):
 
   if arg.quick:
     # Every stage and artifact in about 2 minutes: the first 3000 images of
-    # each split, no flipped copies, a few hundred steps in all.
+    # each split (no flipped copies, as in the default), a few hundred steps in all.
     config.data.max_examples = 3000
-    config.extract.flip = False
     tokenizer = config.pipeline.tokenizer
     tokenizer.data.max_examples = 3000
     tokenizer.train.num_steps = 80
@@ -81,8 +80,6 @@ def get_config(arg=None):
     config.train.num_steps = 60
     config.train.checkpoint_every = 60
     config.train.log_every = 20
-    config.train.sample_every = 0
-    config.train.eval_every = 0
     config.optim.warmup_steps = 10
     config.sample.num_samples = 100
     config.sample.batch_size = 104  # a multiple of 8 (devices) covering 100

@@ -76,21 +76,12 @@ def _define_flags():
   flags.DEFINE_bool("list", False, "Print the runs and exit.")
 
 
-def _set(config, dotted, value):
-  node = config
-  *parents, leaf = dotted.split(".")
-  for name in parents:
-    node = node[name]
-  node[leaf] = value
-
-
 def run_config(name, seed, num_steps=None, tokenizer_steps=None):
   """The generator pipeline config of run `name` at ablation scale."""
   from configs import fashion_mnist
   _, tokenizer, overrides = RUNS[name]
   config = fashion_mnist.get_config(f"tokenizer={tokenizer}")
-  for dotted, value in {**SCALE, **overrides}.items():
-    _set(config, dotted, value)
+  config.update_from_flattened_dict({**SCALE, **overrides})
   config.seed = seed
   config.sample.seed = seed
   if tokenizer_steps:

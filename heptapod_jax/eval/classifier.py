@@ -179,6 +179,11 @@ def _batched(params, images, batch_size):
   return np.concatenate(features), np.concatenate(logits)
 
 
+def classifier_features_and_logits(params, images, batch_size=1000):
+  """(features [N, 128], logits [N, 10]) float32 of images [N, 32, 32, 3] in [-1, 1]."""
+  return _batched(params, images, batch_size)
+
+
 def classifier_features(params, images, batch_size=1000):
   """Penultimate features [N, 128] float32 of images [N, 32, 32, 3] in [-1, 1]."""
   return _batched(params, images, batch_size)[0]
@@ -236,18 +241,21 @@ def load_classifier(path):
 
 
 def fashion_metrics(classifier_params, samples, sample_labels, reference_images, *,
-                    neighbourhood=3, num_splits=10, batch_size=1000):
+                    neighbourhood=3, num_splits=10, batch_size=1000,
+                    reference_features=None):
   """Sample quality in the classifier's feature space.
 
   samples: [N, 32, 32, 3] float32 in [-1, 1]; sample_labels: [N] classes the
   samples were conditioned on, or None (unconditional); reference_images:
-  [M, 32, 32, 3] (e.g. the Fashion-MNIST test set).
+  [M, 32, 32, 3] (e.g. the Fashion-MNIST test set); reference_features: their
+  classifier features when the caller already has them (not recomputed then).
   Returns {"frechet_distance", "precision", "recall", "classifier_score",
   "classifier_score_std", "num_samples"} and "class_accuracy" when labels are
   given.
   """
   sample_features, sample_logits = _batched(classifier_params, samples, batch_size)
-  reference_features = classifier_features(classifier_params, reference_images, batch_size)
+  if reference_features is None:
+    reference_features = classifier_features(classifier_params, reference_images, batch_size)
   sample_stats = metrics.FeatureStatistics.from_features(sample_features)
   reference_stats = metrics.FeatureStatistics.from_features(reference_features)
   pr = metrics.precision_recall(reference_features, sample_features, neighbourhood)

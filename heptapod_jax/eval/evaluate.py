@@ -34,6 +34,7 @@ from heptapod_jax.data import fashion_mnist
 from heptapod_jax.data import preprocess
 from heptapod_jax.eval import classifier as classifier_lib
 from heptapod_jax.eval import inception as inception_lib
+from heptapod_jax.eval import metrics as metrics_lib
 from heptapod_jax.eval import reference as reference_lib
 
 
@@ -67,19 +68,28 @@ def classifier_params(config, workdir):
 def fashion_quality(config, workdir, samples, labels):
   params, path = classifier_params(config, workdir)
   test_images, test_labels = _fashion_images(config, "test")
+  # The test set's features serve every distance below.
+  test_features = classifier_lib.classifier_features(params, test_images)
+  test_statistics = metrics_lib.FeatureStatistics.from_features(test_features)
+
+  def distance_to_test(features):
+    return metrics_lib.frechet_distance_of_statistics(
+        metrics_lib.FeatureStatistics.from_features(features), test_statistics)
+
   samples = samples.astype(np.float32) / 127.5 - 1.0
-  results = classifier_lib.fashion_metrics(params, samples, labels, test_images)
+  results = classifier_lib.fashion_metrics(params, samples, labels, test_images,
+                                           reference_features=test_features)
   train_images, _ = _fashion_images(config, "train", limit=len(test_images))
-  yardstick = classifier_lib.fashion_metrics(params, train_images, None, test_images)
-  results["train_vs_test_frechet_distance"] = yardstick["frechet_distance"]
+  train_features = classifier_lib.classifier_features(params, train_images)
+  yardstick = distance_to_test(train_features)
+  results["train_vs_test_frechet_distance"] = yardstick
   # Fréchet distances shrink with the sample count (estimation bias): the same
   # distance for as many training images as there are samples is the floor a
   # perfect generator would reach with this many samples.
-  same_size = min(len(samples), len(train_images))
-  results["real_frechet_distance_at_num_samples"] = classifier_lib.fashion_metrics(
-      params, train_images[:same_size], None, test_images)["frechet_distance"]
-  results["frechet_distance_ratio"] = (
-      results["frechet_distance"] / max(yardstick["frechet_distance"], 1e-12))
+  same_size = min(len(samples), len(train_features))
+  results["real_frechet_distance_at_num_samples"] = distance_to_test(
+      train_features[:same_size])
+  results["frechet_distance_ratio"] = results["frechet_distance"] / max(yardstick, 1e-12)
   results["classifier_test_accuracy"] = classifier_lib.classifier_accuracy(
       params, test_images, test_labels)
   if config.tokenizer.init_from:
@@ -87,10 +97,10 @@ def fashion_quality(config, workdir, samples, labels):
     # there are samples. A generator cannot beat its tokenizer's reconstructions.
     count = min(len(samples), len(test_images))
     reconstructions = _reconstruct(config.tokenizer.init_from, test_images[:count])
-    floor = classifier_lib.fashion_metrics(params, reconstructions, test_labels[:count],
-                                           test_images)
-    results["reconstruction_frechet_distance"] = floor["frechet_distance"]
-    results["reconstruction_class_accuracy"] = floor["class_accuracy"]
+    features, logits = classifier_lib.classifier_features_and_logits(params, reconstructions)
+    results["reconstruction_frechet_distance"] = distance_to_test(features)
+    results["reconstruction_class_accuracy"] = float(
+        np.mean(np.argmax(logits, axis=1) == test_labels[:count]))
   results["classifier_path"] = path
   return results
 
@@ -100,8 +110,12 @@ def _reconstruct(tokenizer_dir, images, batch_size=500):
   from heptapod_jax.tools import convert_tokenizer
   tokenizer = convert_tokenizer.load_tokenizer(tokenizer_dir)
   graphdef, state = nnx.split(tokenizer)
-  round_trip = jax.jit(lambda state, x: nnx.merge(graphdef, state).decode(
-      nnx.merge(graphdef, state).encode(x)))
+
+  @jax.jit
+  def round_trip(state, x):
+    model = nnx.merge(graphdef, state)
+    return model.decode(model.encode(x))
+
   outputs = []
   for first in range(0, len(images), batch_size):
     chunk = images[first:first + batch_size]

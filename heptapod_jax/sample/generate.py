@@ -83,13 +83,13 @@ def run(config, workdir, *, num_samples=None, output_dir=None, write_files=True)
   params = sampler_lib.sampling_params_from_config(
       sample_config, default_diffusion_temperature=config.model.diffusion.temperature)
   start = time.time()
-  images, labels = [], []
+  images, labels, done = [], [], 0
   with jax.set_mesh(mesh):
     for batch in sampler.batches(all_labels, params, seed=sample_config.seed,
                                  batch_size=sample_config.batch_size):
       images.append(images_lib.to_uint8(batch.images))
       labels.append(np.asarray(batch.labels))
-      done = min(sum(len(chunk) for chunk in images), num_samples)
+      done = min(done + len(images[-1]), num_samples)
       rate = done / max(time.time() - start, 1e-9)
       logging.info("[sample] %d/%d images, %.1f images/s, ETA %.0f s", done, num_samples,
                    rate, (num_samples - done) / rate)
